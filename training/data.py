@@ -30,10 +30,16 @@ _logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+def derived_generator(purpose: str, *keys: int) -> torch.Generator:
+    """A CPU generator seeded by a purpose and non-negative integer keys (independent streams per purpose)."""
+    entropy = (zlib.crc32(purpose.encode()), *keys)
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """The generator that fixes every random choice of one sample in one epoch."""
-    state = np.random.SeedSequence((seed, epoch, index)).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return derived_generator("sample", seed, epoch, index)
 
 
 class ImageFolderSource:
@@ -146,9 +152,7 @@ class StepSampler(Sampler):
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """(steps_per_epoch * global_batch,) sample indices of one epoch, padded by wrapping around."""
-        generator = torch.Generator().manual_seed(
-            int(np.random.SeedSequence((self.seed, epoch, 1)).generate_state(1)[0])
-        )
+        generator = derived_generator("epoch_order", self.seed, epoch)
         order = torch.randperm(self.num_samples, generator=generator)
         length = self.steps_per_epoch * self.plan.global_batch
         return order.repeat(math.ceil(length / self.num_samples))[:length]
@@ -209,7 +213,7 @@ class WebDatasetSource(IterableDataset):
         self.start_epoch = start_epoch
 
     def _my_shards(self, epoch: int) -> list[str]:
-        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        generator = derived_generator("shard_order", self.seed, epoch)
         order = [self.shards[i] for i in torch.randperm(len(self.shards), generator=generator).tolist()]
         mine = order[self.rank :: self.world_size]
         info = torch.utils.data.get_worker_info()

@@ -17,6 +17,7 @@ import os
 import subprocess
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,10 +42,22 @@ from training.data import (
     ProceduralSource,
     StepSampler,
     WebDatasetSource,
+    derived_generator,
     steps_per_epoch,
 )
 
 _logger = logging.getLogger("training.pretrain")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves in memory (for tests and notebooks) besides its files."""
+
+    export_dir: Path
+    step: int
+    model: CLoVEModel
+    optimizer: torch.optim.Optimizer
+    num_processes: int
 
 
 class NonFiniteLossError(RuntimeError):
@@ -181,8 +194,8 @@ def save_checkpoint(accelerator: Accelerator, config: PretrainConfig, step: int,
     )
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Run pretraining; returns the folder of the exported student backbone."""
+def main(argv: Sequence[str] | None = None) -> TrainResult:
+    """Run pretraining; the student backbone is exported to ``<output_dir>/export``."""
     recipe, overrides = parse_args(argv)
     config = load_config(recipe, overrides)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -258,7 +271,6 @@ def main(argv: Sequence[str] | None = None) -> Path:
     # ---- loop ----------------------------------------------------------------------------------------------------
     model.train()
     step = start_step
-    micro = 0
     progress = tqdm(total=end_step, initial=start_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     samples_since_log, log_started = 0, time.perf_counter()
     last_checkpoint = start_step
@@ -286,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         attention_now = config.attention_every > 0 and (step + 1) % config.attention_every == 0
         step_loss = torch.zeros((), device=device)
 
-        for _ in range(plan.grad_accum_steps):
+        for micro in range(plan.grad_accum_steps):
             batch = next(batches)
             # forward + loss
             global_views = batch["global_views"].to(device, non_blocking=True)
@@ -320,11 +332,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                     step_loss += loss.detach() / plan.grad_accum_steps
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            if criterion.queue is not None:
-                generator = torch.Generator().manual_seed(
-                    config.seed * 1_000_003 + micro * 97 + accelerator.process_index
-                )
+            if criterion.queue is not None:  # which teacher cell each image pushes: fixed by (seed, step, rank)
+                generator = derived_generator("queue", config.seed, step, micro, accelerator.process_index)
                 criterion.enqueue(
                     accelerator.gather(criterion.queue_candidates(out.teacher_global, num_global, generator))
                 )
@@ -368,11 +377,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if accelerator.is_main_process:
         from clove_timm.export import export_timm_folder
 
-        export_timm_folder(final, export_dir, branch="student", name=config.export_name)
+        export_timm_folder(
+            final,
+            export_dir,
+            branch="student",
+            name=config.export_name,
+            epochs=config.epochs,
+            dataset="imagenet-1k" if config.data != "procedural" else "procedural (built-in)",
+            recipe=recipe,
+            overwrite=True,  # the run owns its export folder; a resumed run re-exports its newer weights
+        )
         accelerator.print(f"exported the student backbone to {export_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return export_dir
+    return TrainResult(export_dir, step, unwrapped, optimizer, accelerator.num_processes)
 
 
 if __name__ == "__main__":
