@@ -71,7 +71,7 @@ _TEXTURE_SPECS: dict[str, _TextureSpec] = {
 _MIN_SHAPES, _MAX_SHAPES = 4, 8  # shapes per image, inclusive
 _MIN_RADIUS, _MAX_RADIUS = 0.10, 0.30  # half-axes of a shape
 _PERIOD_JITTER = 0.15  # texture period scaled by U(1 - j, 1 + j) per instance
-_MIN_CONTRAST = 0.35  # smallest mean absolute difference between the two colours of a texture
+_MIN_CONTRAST = 0.35  # smallest mean absolute difference between the two colours of a texture, before clipping
 _CLOUD_GRID = 4  # background clouds: a CLOUD_GRID x CLOUD_GRID random field, bilinearly upsampled
 _SENSOR_NOISE_STD = 0.02  # white noise added to every pixel (intensities in [0, 1])
 _SQUARE_GAIN = 2.5  # sharpening of sinusoids into soft square waves: clip(0.5 + gain * sin, 0, 1)
@@ -101,8 +101,8 @@ class ProceduralImages(torch.utils.data.Dataset):
 
     Args:
         num_images: number of images in the set.
-        image_size: side S of the square images in pixels (default 96, the local-view size of the method doc
-            section 3, so the ``demo`` recipe can use whole images at that size).
+        image_size: side S of the square images in pixels (default 96: small enough for CPU pretraining, large
+            enough for several shapes per scene with textures a few pixels wide).
         num_classes: classes including the background (class 0); at most ``len(TEXTURE_NAMES) + 1``.
         seed: selects the set; sets with different seeds are independent draws (use another seed for held-out
             probe data). Must be >= 0.
