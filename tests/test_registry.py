@@ -3,6 +3,15 @@ timm post-import hook, and offline loading by tag from a Hugging Face cache buil
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
 import pytest
 import safetensors.torch
 import timm
@@ -13,6 +22,7 @@ from clove_timm import registry
 from clove_timm.export import export_timm_folder
 from clove_timm.registry import HF_ORG_ENV, TimmRegistryError, check_timm_registry, register_pretrained_tags
 from tests.hub_fixtures import (
+    REPO_ROOT,
     autoload_site_dir,
     build_offline_hf_cache,
     finish_python,
@@ -254,3 +264,43 @@ def test_finder_wraps_only_the_top_level_timm_loader():
     assert spec.origin == timm.__file__
     assert type(spec.loader).__name__ == "_PostImportLoader"
     assert spec.loader.get_filename("timm") == timm.__file__  # other loader attributes pass through
+
+
+@pytest.mark.slow
+def test_wheel_install_ships_the_hook(tmp_path):
+    """Build the wheel, install it into a new virtualenv, and import only timm there."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "_clove_timm_autoload.py"):
+        shutil.copy2(REPO_ROOT / name, source / name)
+    for package in ("clove_timm", "training", "hub"):
+        shutil.copytree(REPO_ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source], check=True
+    )
+    (wheel,) = (tmp_path / "dist").glob("clove_timm-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read(_clove_timm_autoload.PTH_FILENAME).decode() == _clove_timm_autoload.PTH_LINE
+        assert "_clove_timm_autoload.py" in archive.namelist()
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([*pip, "--python", python, "install", "--no-deps", "-q", wheel], check=True)
+    site_packages = Path(
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
+    # torch, timm and the rest come from this environment, after the new site-packages on sys.path.
+    (site_packages / "zz_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    code = (
+        "import json, sys, timm\n"
+        "print(json.dumps([timm.list_pretrained('resnet50.clove*'), sys.modules['clove_timm'].__file__]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("CLOVE_TIMM_")}
+    out = subprocess.run([python, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    tags, clove_file = json.loads(out.stdout.strip().splitlines()[-1])
+    assert tags == CLOVE_NAMES
+    assert Path(clove_file).is_relative_to(site_packages)
