@@ -19,7 +19,6 @@ environment.
 
 import os
 import sys
-import warnings
 
 DISABLE_ENV = "CLOVE_TIMM_DISABLE_AUTOLOAD"
 PTH_FILENAME = "_clove_timm_autoload.pth"
@@ -41,6 +40,8 @@ def _register_clove_tags() -> None:
     try:
         import clove_timm  # noqa: F401  (registers the tags)
     except Exception as error:  # a broken add-on must not break `import timm`
+        import warnings  # not at module level: interpreter start-up does not import it
+
         warnings.warn(f"clove_timm could not register its pretrained tags with timm: {error!r}", stacklevel=2)
 
 
