@@ -22,7 +22,7 @@ import hashlib
 import logging
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +41,7 @@ __all__ = [
     "detect_layout",
     "load_reference_checkpoint",
     "load_source_checkpoint",
+    "pickle_globals_outside",
     "read_safetensors_metadata",
     "sha256_file",
     "verify_sha256sums",
@@ -120,6 +121,24 @@ def _globals_named_in_error(error: Exception) -> list[str]:
     return sorted(names)
 
 
+def pickle_globals_outside(path: str | Path, allowed: Collection[str]) -> list[str]:
+    """Globals a ``torch.save`` archive references beyond torch's weights-only allow-list and ``allowed``.
+
+    Reads the pickle's opcodes without executing them (``torch.serialization.get_unsafe_globals_in_checkpoint``).
+
+    Args:
+        path: a ``torch.save`` zip archive.
+        allowed: extra ``module.qualname`` names to accept, e.g. ``"argparse.Namespace"``.
+
+    Returns:
+        The offending globals, sorted; empty if the file only needs the allow-lists.
+
+    Raises:
+        ValueError: ``path`` is not a ``torch.save`` zip archive (e.g. the legacy pre-1.6 format).
+    """
+    return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - set(allowed))
+
+
 def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     """Unpickle a reference checkpoint with nothing but tensors, containers and ``argparse.Namespace`` allowed.
 
@@ -137,12 +156,11 @@ def load_reference_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     allowed = {_global_name(cls) for cls in REFERENCE_ALLOWED_GLOBALS}
     try:
-        # Static scan of the pickle opcodes: reports every offending global at once, executes nothing.
-        referenced = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        # Static scan: reports every offending global at once, executes nothing.
+        offending = pickle_globals_outside(path, allowed)
     except ValueError:
         # Not a zip checkpoint (legacy torch.save format): the weights-only unpickler below is the guard.
-        referenced = []
-    offending = sorted(set(referenced) - allowed)
+        offending = []
     if offending:
         raise UnsafeCheckpointError(
             f"{path}: refusing to unpickle: it references {', '.join(offending)}, outside the allow-list "
