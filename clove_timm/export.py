@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import safetensors.torch
@@ -49,6 +49,7 @@ from clove_timm.checkpoint_io import (
     SourceCheckpoint,
     load_source_checkpoint,
     sha256_file,
+    verify_sha256sums,
     write_sha256sums,
 )
 from clove_timm.model_card import REFERENCE_RECIPE, CardFacts, build_model_card
@@ -77,7 +78,7 @@ _logger = logging.getLogger(__name__)
 
 Branch = Literal["student", "teacher"]
 ExportFormat = Literal["timm", "detectron2", "torchvision", "mmdetection"]
-EXPORT_FORMATS: tuple[str, ...] = ("timm", "detectron2", "torchvision", "mmdetection")
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 # Backbone key prefixes per source layout and branch. CLoVEModel: `student.backbone.` / `teacher.backbone.`;
 # reference model (method doc section 5): `encoder.` is the student, `encoder_k.` the EMA teacher, under DDP's
@@ -427,15 +428,24 @@ def _arch_of(name: str, arch: str | None) -> str:
 
 
 def _epochs_of(prepared: PreparedBackbone, name: str, epochs: int | None) -> int | None:
+    """Pretraining epochs for the card: explicit, else what the source records, else the released tag's."""
     if epochs is not None:
         return epochs
-    if name in CLOVE_TAGS:
-        return CLOVE_TAGS[name].epochs
+    released = CLOVE_TAGS[name].epochs if name in CLOVE_TAGS else None
     for key in ("epochs", "epoch"):  # an earlier export records `epochs`, a reference checkpoint its `epoch`
         value = prepared.source.metadata.get(key)
         if value is not None and value.isdigit():
+            if released is not None and int(value) != released:
+                _logger.warning(
+                    "%s records %s epochs but %s is the %d-epoch release; the card states %s",
+                    prepared.source.path,
+                    value,
+                    name,
+                    released,
+                    value,
+                )
             return int(value)
-    return None
+    return released
 
 
 def export_timm_folder(
@@ -465,7 +475,8 @@ def export_timm_folder(
         name: timm model name ``arch.tag``; also the Hub repository name.
         arch: timm architecture; default: the part of ``name`` before the dot.
         org: Hub organisation written into the card's load lines; default: the configured one.
-        epochs: pretraining epochs; default: from the released tag table or the source's metadata.
+        epochs: pretraining epochs; default: what the source records (a reference checkpoint's ``epoch``, an earlier
+            export's ``epochs``), else the released tag's.
         dataset: Hub id of the pretraining data set, for the card.
         recipe: recipe paragraph for the card; default: the reference recipe (method doc sections 3 to 5).
         overwrite: replace a non-empty ``out_dir``.
@@ -517,6 +528,7 @@ def export_timm_folder(
 
 
 def _verify_timm_folder(folder: Path, prepared: PreparedBackbone) -> None:
+    verify_sha256sums(folder)
     # timm's own loader: config.json -> architecture and num_classes, model.safetensors -> strict load.
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)
     state = loaded.state_dict()
