@@ -217,13 +217,22 @@ def test_image_modes_convert_to_rgb():
     assert np.asarray(to_rgb(wide))[0, :, 0].tolist() == [0, 128, 255]
     unit_float = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
     assert np.asarray(to_rgb(unit_float))[0, :, 0].tolist() == [0, 128, 255]
-    rgba = Image.fromarray(np.array([[[10, 20, 30, 0]]], dtype=np.uint8), mode="RGBA")
-    assert np.asarray(to_rgb(rgba))[0, 0].tolist() == [10, 20, 30]
+    # transparency is composited on the ImageNet mean colour: 0.485 * 255, 0.456 * 255, 0.406 * 255, rounded
+    background = [124, 116, 104]
+    rgba = Image.fromarray(np.array([[[10, 20, 30, 0], [10, 20, 30, 255], [200, 100, 0, 51]]], dtype=np.uint8))
+    # alpha 51 = 0.2: 0.2 * colour + 0.8 * background = (0.2 * 200 + 0.8 * 124, 0.2 * 100 + 0.8 * 116, 0.8 * 104)
+    assert np.asarray(to_rgb(rgba))[0].tolist() == [background, [10, 20, 30], [139, 113, 83]]
+    assert np.asarray(to_rgb(rgba, background=(0, 0, 0)))[0, 0].tolist() == [0, 0, 0]
     palette = Image.new("P", (3, 2))
     palette.putpalette([0, 0, 0, 200, 100, 50] + [0] * 762)
     palette.putpixel((1, 1), 1)
     palette.info["transparency"] = 0
     assert np.asarray(to_rgb(palette))[1, 1].tolist() == [200, 100, 50]
+    assert np.asarray(to_rgb(palette))[0, 0].tolist() == background  # palette index 0 is the transparent one
+    keyed = Image.new("RGB", (2, 1), (5, 6, 7))  # an RGB colour key (PNG tRNS) marks (5, 6, 7) transparent
+    keyed.putpixel((1, 0), (9, 9, 9))
+    keyed.info["transparency"] = (5, 6, 7)
+    assert np.asarray(to_rgb(keyed))[0].tolist() == [background, [9, 9, 9]]
     cmyk = Image.new("CMYK", (2, 2), (0, 0, 0, 0))
     assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [255, 255, 255]
     sample = MultiCropGeometry(global_size=8, local_size=4)(sixteen, torch.Generator().manual_seed(0))
@@ -393,6 +402,75 @@ def test_full_pipeline_matches_torchvision_composition():
                 x = TF.solarize(x, 128.0 / 255.0)
             expected = TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
             torch.testing.assert_close(out[row * batch + b], expected, rtol=0, atol=3e-5)
+
+
+@pytest.mark.parametrize("subset_rows", [True, False])
+def test_large_views_match_torchvision_composition(subset_rows):
+    """Views of 100 px take the view-by-view blur on the CPU subset path; both paths must still compose torchvision."""
+    batch, size = 3, 100
+    module = MultiCropPhotometric(subset_rows=subset_rows, **_NO_NORMALIZE)
+    global_views = _random_views(batch, 2, size, seed=12)
+    params = sample_photometric_params((batch, 2), generator=torch.Generator().manual_seed(13))
+    params[:, 0, PhotometricParam.BLUR_SIGMA] = torch.tensor([0.0, 0.3, 1.0])  # sigma 0.1 (1-tap reach) to 2.0
+    out, _ = module(global_views, _random_views(batch, 0, 8, seed=0), params)
+    order_slots = [
+        PhotometricParam.ORDER_BRIGHTNESS,
+        PhotometricParam.ORDER_CONTRAST,
+        PhotometricParam.ORDER_SATURATION,
+        PhotometricParam.ORDER_HUE,
+    ]
+    jitter_ops = [
+        lambda x, u: TF.adjust_brightness(x, 0.6 + 0.8 * u[PhotometricParam.BRIGHTNESS]),
+        lambda x, u: TF.adjust_contrast(x, 0.6 + 0.8 * u[PhotometricParam.CONTRAST]),
+        lambda x, u: TF.adjust_saturation(x, 0.8 + 0.4 * u[PhotometricParam.SATURATION]),
+        lambda x, u: TF.adjust_hue(x, -0.1 + 0.2 * u[PhotometricParam.HUE]),
+    ]
+    for v, blur_p, solarize_p in ((0, 1.0, 0.0), (1, 0.1, 0.2)):
+        for b in range(batch):
+            u = params[b, v].tolist()
+            x = global_views[b, v].float() / 255.0
+            if u[PhotometricParam.JITTER_APPLY] < 0.8:
+                for op in sorted(range(4), key=lambda k: u[order_slots[k]]):
+                    x = jitter_ops[op](x, u)
+            if u[PhotometricParam.GRAYSCALE_APPLY] < 0.2:
+                x = TF.rgb_to_grayscale(x, num_output_channels=3)
+            if u[PhotometricParam.BLUR_APPLY] < blur_p:
+                x = _blur_reference(x, 0.1 + 1.9 * u[PhotometricParam.BLUR_SIGMA], 6)
+            if u[PhotometricParam.SOLARIZE_APPLY] < solarize_p:
+                x = TF.solarize(x, 128.0 / 255.0)
+            torch.testing.assert_close(out[v * batch + b], x, rtol=0, atol=3e-5)
+
+
+def test_subset_and_mask_paths_agree_and_leave_inputs_alone():
+    batch = 40
+    global_views, local_views = _random_views(batch, 2, 12, seed=14), _random_views(batch, 4, 6, seed=15)
+    params = sample_photometric_params((batch, 6), generator=torch.Generator().manual_seed(16))
+    subset_out = MultiCropPhotometric(subset_rows=True)(global_views, local_views, params)
+    mask_out = MultiCropPhotometric(subset_rows=False)(global_views, local_views, params)
+    for a, b in zip(subset_out, mask_out, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # Float inputs are converted into a fresh buffer: the in-place ops never reach the caller's tensor.
+    float_views = global_views.float() / 255.0
+    kept = float_views.clone()
+    for subset_rows in (True, False):
+        MultiCropPhotometric(subset_rows=subset_rows)(float_views[:, :2], local_views[:, :0], params[:, :2])
+        MultiCropPhotometric(subset_rows=subset_rows)(float_views[:1, :2], local_views[:1, :0], params[:1, :2])
+    assert torch.equal(float_views, kept)
+
+
+@pytest.mark.parametrize("subset_rows", [True, False])
+def test_output_dtype_and_memory_format(subset_rows):
+    module = MultiCropPhotometric(subset_rows=subset_rows)
+    global_views, local_views = _random_views(4, 2, 10, seed=17), _random_views(4, 3, 6, seed=18)
+    params = sample_photometric_params((4, 5), generator=torch.Generator().manual_seed(19))
+    plain = module(global_views, local_views, params)
+    channels_last = module(global_views, local_views, params, memory_format=torch.channels_last)
+    half = module(global_views, local_views, params, dtype=torch.bfloat16, memory_format=torch.channels_last)
+    for reference, out, low in zip(plain, channels_last, half, strict=True):
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        assert torch.equal(out, reference)
+        assert low.dtype == torch.bfloat16 and low.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(low, reference.to(torch.bfloat16))
 
 
 def _fractions(flags: torch.Tensor, batch: int, num_views: int) -> list[float]:
