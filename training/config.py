@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ class PretrainConfig:
     procedural_image_size: int = 96
     procedural_classes: int = 5
     streaming_samples_per_epoch: int = 1281167  # epoch length of a streaming source (ImageNet-1k train)
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of an image folder's files cannot be used
+    max_image_pixels: int = 89_478_485  # refuse larger images from their header (Pillow's MAX_IMAGE_PIXELS)
 
     # Views (method doc section 3)
     global_size: int = 224
@@ -93,7 +96,9 @@ class PretrainConfig:
     attention_every: int = 1000  # predictor attention maps as images
     trackers: tuple[str, ...] = ("tensorboard",)
     export_name: str = "resnet50.clove_in1k"  # timm name of the exported backbone
-    nonfinite_loss: str = "stop"  # "stop" (error) or "skip" (drop the step) on a non-finite loss
+    nonfinite_loss: str = "stop"  # "stop" (error) or "skip" (drop the step) on a non-finite loss, gradient or BN stat
+    max_skipped_steps_in_row: int = 20  # stop after this many skipped steps in a row (fp16 overflow or "skip")
+    preemption_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")  # finish the step, checkpoint and exit on these
 
     def __post_init__(self) -> None:
         if self.resume not in ("auto", "none") and not self.resume:
@@ -115,6 +120,16 @@ class PretrainConfig:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.max_image_pixels < 1 or self.max_skipped_steps_in_row < 1:
+            raise ValueError(
+                f"max_image_pixels and max_skipped_steps_in_row must be >= 1, got {self.max_image_pixels} and "
+                f"{self.max_skipped_steps_in_row}"
+            )
+        unknown = [name for name in self.preemption_signals if name not in signal.Signals.__members__]
+        if unknown:
+            raise ValueError(f"preemption_signals: unknown signal names {unknown} (e.g. 'SIGTERM', 'SIGUSR1')")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (tuples as lists) for YAML and trackers."""

@@ -4,8 +4,26 @@
     python -m training.pretrain --recipe demo output_dir=runs/demo max_steps=50
 
 The loop, per optimizer step: schedules (lr, teacher momentum from the global step) -> for each micro-batch:
-photometric augmentation on the device, forward + loss, backward -> optimizer step -> teacher EMA -> logging ->
-checkpoint. See ``training/config.py`` for every setting and ``training/recipes/`` for the paper's recipes.
+photometric augmentation on the device, forward + loss, backward -> guard -> optimizer step -> teacher EMA ->
+logging -> checkpoint -> preemption. See ``training/config.py`` for every setting and ``training/recipes/`` for the
+paper's recipes.
+
+Faults the loop survives (``docs/reliability.md`` lists how each is tested):
+
+* bad image files: replaced by the next usable file and listed in ``<output_dir>/quarantine.tsv``
+  (:class:`training.data.Quarantine`); above ``max_bad_fraction`` the run stops (:class:`BadDataError`);
+* preemption: a signal in ``preemption_signals`` (SIGTERM, SIGUSR1) on any process makes every process finish the
+  current step, write a checkpoint and return (exit status :data:`PREEMPTED_EXIT_CODE` from the command line);
+  a relaunch with ``resume=auto`` continues bitwise as if never stopped;
+* non-finite numbers: before the optimizer moves, every process agrees on whether any loss, gradient or BatchNorm
+  statistic is NaN or infinite; ``nonfinite_loss=stop`` raises :class:`NonFiniteLossError` at that step on every
+  process, ``skip`` drops the step (weights, teacher, buffers and queue as before it). Skipped steps, these and
+  fp16 GradScaler overflows, are counted; ``max_skipped_steps_in_row`` of them in a row stop the run
+  (:class:`SkippedStepsError`) instead of letting the loss scale decay to nothing;
+* a crash at any point: checkpoints are atomic and verified, and resume never unpickles anything unsafe
+  (:mod:`training.checkpoint`).
+
+The guard and the preemption flag share one all-reduce per optimizer step (one host synchronization).
 """
 
 from __future__ import annotations
@@ -15,6 +33,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,16 +56,33 @@ from clove_timm.views import MultiCropGeometry, MultiCropPhotometric
 from training import checkpoint as ckpt
 from training.config import BatchPlan, PretrainConfig, load_config, plan_batches
 from training.data import (
+    QUARANTINE_FILE,
+    BadDataError,
     ImageFolderSource,
     MultiCropDataset,
     ProceduralSource,
+    Quarantine,
     StepSampler,
     WebDatasetSource,
     derived_generator,
     steps_per_epoch,
+    worker_init,
 )
+from training.faults import NONFINITE_WHAT, NonFiniteLossError, SkippedStepsError, StopRequest, any_nonfinite
 
 _logger = logging.getLogger("training.pretrain")
+
+PREEMPTED_EXIT_CODE = 75  # sysexits.h EX_TEMPFAIL ("temporary failure, try again"): relaunch with resume=auto
+
+__all__ = [
+    "PREEMPTED_EXIT_CODE",
+    "BadDataError",
+    "NonFiniteLossError",
+    "SkippedStepsError",
+    "StopRequest",
+    "TrainResult",
+    "main",
+]
 
 
 @dataclass
@@ -58,10 +94,8 @@ class TrainResult:
     model: CLoVEModel
     optimizer: torch.optim.Optimizer
     num_processes: int
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops before the bad step touches any weight."""
+    preempted: bool = False  # stopped by a preemption signal after its checkpoint; nothing was exported
+    skipped_steps: int = 0  # optimizer steps dropped over the whole run (non-finite values, fp16 overflow)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[str | None, list[str]]:
@@ -111,7 +145,7 @@ def build_source(config: PretrainConfig, plan: BatchPlan, accelerator: Accelerat
             seed=config.seed,
         )
     else:
-        source = ImageFolderSource(config.data)
+        source = ImageFolderSource(config.data, max_pixels=config.max_image_pixels)
     return MultiCropDataset(source, geometry, config.seed), len(source)
 
 
@@ -136,6 +170,7 @@ def build_loader(
         num_workers=config.num_workers,
         pin_memory=accelerator.device.type == "cuda",
         persistent_workers=config.num_workers > 0,
+        worker_init_fn=worker_init(config.preemption_signals) if config.num_workers > 0 else None,
     )
 
 
@@ -171,8 +206,13 @@ def _attention_image(attention: torch.Tensor) -> torch.Tensor:
     return centre / centre.amax(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
 
 
-def save_checkpoint(accelerator: Accelerator, config: PretrainConfig, step: int, criterion: CLoVELoss) -> Path:
-    """Write a complete checkpoint atomically (see :mod:`training.checkpoint`); all processes take part."""
+def save_checkpoint(
+    accelerator: Accelerator, config: PretrainConfig, step: int, criterion: CLoVELoss, counters: dict[str, int]
+) -> Path:
+    """Write a complete checkpoint atomically (see :mod:`training.checkpoint`); all processes take part.
+
+    ``counters`` (skipped steps) go into ``trainer_state.json`` beside the step and the config.
+    """
     tmp = ckpt.temporary_dir(config.output_dir, step)
     if accelerator.is_main_process and tmp.exists():
         import shutil
@@ -181,7 +221,7 @@ def save_checkpoint(accelerator: Accelerator, config: PretrainConfig, step: int,
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        ckpt.write_json_atomic(tmp / ckpt.TRAINER_STATE, {"step": step, "config": config.to_dict()})
+        ckpt.write_json_atomic(tmp / ckpt.TRAINER_STATE, {"step": step, "config": config.to_dict(), **counters})
         extra = {k: v.detach().cpu().contiguous() for k, v in criterion.state_dict().items()}
         if extra:
             save_file(extra, tmp / "criterion.safetensors")
@@ -195,11 +235,23 @@ def save_checkpoint(accelerator: Accelerator, config: PretrainConfig, step: int,
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
-    """Run pretraining; the student backbone is exported to ``<output_dir>/export``."""
+    """Run pretraining; the student backbone is exported to ``<output_dir>/export`` when the run finishes.
+
+    Raises:
+        BadDataError: too many bad files in the image folder.
+        NonFiniteLossError: a non-finite value with ``nonfinite_loss=stop``.
+        SkippedStepsError: ``max_skipped_steps_in_row`` skipped steps in a row.
+        UnsafeCheckpointError: the checkpoint to resume from holds an unsafe pickle.
+    """
     recipe, overrides = parse_args(argv)
     config = load_config(recipe, overrides)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Handlers from the start: a signal during start-up still ends in a checkpoint after the first step.
+    with StopRequest(config.preemption_signals) as stop_request:
+        return _train(config, recipe, stop_request)
 
+
+def _train(config: PretrainConfig, recipe: str | None, stop_request: StopRequest) -> TrainResult:
     # ---- accelerator and batch plan -------------------------------------------------------------------------
     state = PartialState(cpu=config.cpu)
     plan = plan_batches(config, state.num_processes)
@@ -249,10 +301,14 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
 
     # ---- resume --------------------------------------------------------------------------------------------------
     start_step = 0
+    counters = {"skipped_steps": 0, "skipped_in_row": 0}
     resume_from = ckpt.resolve_resume(config.resume, config.output_dir, trust=config.trust_checkpoint)
     if resume_from is not None:
+        ckpt.check_pickles(resume_from)  # before load_state unpickles anything
         accelerator.load_state(str(resume_from))
         start_step = ckpt.verify(resume_from, check_hashes=False)
+        trainer_state = ckpt.read_trainer_state(resume_from)
+        counters = {name: int(trainer_state.get(name, 0)) for name in counters}
         extra = resume_from / "criterion.safetensors"
         if extra.is_file():
             criterion.load_state_dict(load_file(extra, device=str(device)))
@@ -264,9 +320,24 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     warmup_steps = min(round(config.warmup_epochs * steps_per_epoch(epoch_len, plan.global_batch)), total_steps - 1)
     end_step = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
     loader = build_loader(dataset, config, plan, accelerator, start_step, end_step)
+    quarantine = None
+    if isinstance(dataset, MultiCropDataset) and isinstance(dataset.source, ImageFolderSource):
+        quarantine = Quarantine(
+            dataset.source,
+            output_dir / QUARANTINE_FILE,
+            max_fraction=config.max_bad_fraction,
+            load_existing=resume_from is not None,
+        )
+        accelerator.wait_for_everyone()  # every process read the list before the main process rewrites it
+        if accelerator.is_main_process:
+            quarantine.write()
+        quarantine.check()
     accelerator.init_trackers("clove", config={k: str(v) for k, v in config.to_dict().items()})
     unwrapped = accelerator.unwrap_model(model)
     num_global = 2
+    # what a skipped step puts back: BatchNorm statistics of student and teacher, the negatives queue
+    state_buffers = [*unwrapped.buffers(), *criterion.buffers()]
+    trainable_params = [p for _, p in trainable]
 
     # ---- loop ----------------------------------------------------------------------------------------------------
     model.train()
@@ -274,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
     progress = tqdm(total=end_step, initial=start_step, disable=not accelerator.is_main_process, dynamic_ncols=True)
     samples_since_log, log_started = 0, time.perf_counter()
     last_checkpoint = start_step
+    preempted = False
     batches = iter(loader)
     while step < end_step:
         # schedules: pure functions of the optimizer step
@@ -296,10 +368,14 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
         log_now = (step + 1) % config.log_every == 0 or step + 1 == end_step
         monitor_now = config.monitor_every > 0 and (step + 1) % config.monitor_every == 0
         attention_now = config.attention_every > 0 and (step + 1) % config.attention_every == 0
+        saved = [t.detach().clone() for t in state_buffers] if config.nonfinite_loss == "skip" else None
         step_loss = torch.zeros((), device=device)
+        loss_nonfinite = torch.zeros((), device=device)
+        reports = []  # (index, skipped) of every sample of the step, for the quarantine
 
         for micro in range(plan.grad_accum_steps):
             batch = next(batches)
+            reports.append(torch.stack([batch["index"], batch["skipped"]], dim=1))
             # forward + loss
             global_views = batch["global_views"].to(device, non_blocking=True)
             local_views = batch["local_views"].to(device, non_blocking=True)
@@ -317,29 +393,66 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
                     boxes[:num_global],
                     boxes[num_global:] if local_in is not None else None,
                 )
-                # a non-finite loss on any process stops (or skips on) every process before backward
-                bad = accelerator.reduce((~torch.isfinite(loss.detach())).float(), reduction="sum")
-                if bad.item() > 0:
-                    if config.nonfinite_loss == "stop":
-                        raise NonFiniteLossError(
-                            f"non-finite loss at step {step} on {int(bad.item())} process(es); weights and teacher are "
-                            f"untouched, the newest checkpoint in {ckpt.checkpoint_root(config.output_dir)} is intact"
-                        )
-                    accelerator.print(f"step {step}: non-finite loss, micro-batch skipped")
-                else:
-                    # backward / optimizer step (the step happens on the last micro-batch only)
-                    accelerator.backward(loss)
-                    step_loss += loss.detach() / plan.grad_accum_steps
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss_nonfinite = torch.maximum(loss_nonfinite, (~torch.isfinite(loss.detach())).float())
+                # backward (the gradients of the last micro-batch are all-reduced)
+                accelerator.backward(loss)
+                step_loss += loss.detach() / plan.grad_accum_steps
             if criterion.queue is not None:  # which teacher cell each image pushes: fixed by (seed, step, rank)
                 generator = derived_generator("queue", config.seed, step, micro, accelerator.process_index)
                 criterion.enqueue(
                     accelerator.gather(criterion.queue_candidates(out.teacher_global, num_global, generator))
                 )
-        # teacher EMA, after a real optimizer step
-        if not accelerator.optimizer_step_was_skipped:
-            unwrapped.update_teacher(momentum)
+
+        # guard: every process agrees on the step's data, numbers and stop requests before the optimizer moves
+        reports = torch.cat(reports)
+        flags = torch.stack(
+            [
+                loss_nonfinite,
+                # with fp16 the GradScaler owns overflowing gradients (it skips the step and lowers the scale)
+                any_nonfinite([p.grad for p in trainable_params] if accelerator.scaler is None else [], device),
+                any_nonfinite(state_buffers, device),
+                torch.tensor(float(stop_request.requested), device=device),
+                reports[:, 1].sum().float().to(device),
+            ]
+        )
+        loss_bad, grads_bad, buffers_bad, stop_votes, skipped_files = accelerator.reduce(flags, "sum").tolist()
+        if quarantine is not None and skipped_files > 0:
+            indices, skipped = accelerator.gather(reports.to(device)).cpu().T.tolist()
+            new = quarantine.add(indices, skipped)
+            if new and accelerator.is_main_process:
+                quarantine.write()
+                _logger.warning("step %d: %d new bad image file(s), listed in %s", step, len(new), quarantine.path)
+            quarantine.check(step=step)  # on every process: the same set, the same decision
+        skipped_step = False
+        if loss_bad or grads_bad or buffers_bad:
+            counts = (loss_bad, grads_bad, buffers_bad)
+            what, count = next((w, c) for w, c in zip(NONFINITE_WHAT, counts, strict=True) if c)
+            if config.nonfinite_loss == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite {what} at step {step} on {int(count)} process(es); weights and teacher are "
+                    f"untouched, the newest checkpoint in {ckpt.checkpoint_root(config.output_dir)} is intact",
+                    step=step,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            torch._foreach_copy_(state_buffers, saved)
+            skipped_step = True
+            accelerator.print(f"step {step}: non-finite {what}, step skipped")
+        else:
+            # optimizer step (a GradScaler skips it on overflowing fp16 gradients) and teacher EMA
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            skipped_step = accelerator.optimizer_step_was_skipped
+            if not skipped_step:
+                unwrapped.update_teacher(momentum)
+        counters["skipped_steps"] += int(skipped_step)
+        counters["skipped_in_row"] = counters["skipped_in_row"] + 1 if skipped_step else 0
+        if counters["skipped_in_row"] >= config.max_skipped_steps_in_row:
+            scale = f" (loss scale now {accelerator.scaler.get_scale():g})" if accelerator.scaler is not None else ""
+            raise SkippedStepsError(
+                f"{counters['skipped_in_row']} optimizer steps in a row were skipped up to step {step}{scale}, "
+                f"max_skipped_steps_in_row={config.max_skipped_steps_in_row}: the run no longer trains; the "
+                f"newest checkpoint in {ckpt.checkpoint_root(config.output_dir)} is intact"
+            )
         step += 1
         samples_since_log += plan.global_batch
         progress.update(1)
@@ -350,7 +463,13 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
             elapsed = time.perf_counter() - log_started
             throughput = samples_since_log / max(elapsed, 1e-9)
             samples_since_log, log_started = 0, time.perf_counter()
-            metrics = {"loss": mean_loss, "lr": lr, "teacher_momentum": momentum, "samples_per_s": throughput}
+            metrics = {
+                "loss": mean_loss,
+                "lr": lr,
+                "teacher_momentum": momentum,
+                "samples_per_s": throughput,
+                "skipped_steps": counters["skipped_steps"],
+            }
             accelerator.log(metrics, step=step)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", samples_s=f"{throughput:.1f}")
         if monitor_now:
@@ -365,16 +484,26 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
 
         # checkpoint
         if step % config.checkpoint_every == 0 or step == end_step:
-            save_checkpoint(accelerator, config, step, criterion)
+            save_checkpoint(accelerator, config, step, criterion, counters)
             last_checkpoint = step
+        # preemption: every process saw the same vote, so all stop after this step
+        if stop_votes and step < end_step:
+            if last_checkpoint != step:
+                save_checkpoint(accelerator, config, step, criterion, counters)
+                last_checkpoint = step
+            preempted = True
+            accelerator.print(
+                f"preemption signal on {int(stop_votes)} process(es): stopped after step {step} with a complete "
+                f"checkpoint; relaunch with resume=auto to continue"
+            )
+            break
     progress.close()
     if last_checkpoint != step:
-        save_checkpoint(accelerator, config, step, criterion)
-
-    # ---- export the student backbone -------------------------------------------------------------------------
+        save_checkpoint(accelerator, config, step, criterion, counters)
+    # ---- export the student backbone (a preempted run exports when it finishes) -------------------------------
     export_dir = output_dir / "export"
     final = ckpt.checkpoint_root(config.output_dir) / ckpt.checkpoint_name(step)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not preempted:
         from clove_timm.export import export_timm_folder
 
         export_timm_folder(
@@ -390,9 +519,17 @@ def main(argv: Sequence[str] | None = None) -> TrainResult:
         accelerator.print(f"exported the student backbone to {export_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(export_dir, step, unwrapped, optimizer, accelerator.num_processes)
+    return TrainResult(
+        export_dir,
+        step,
+        unwrapped,
+        optimizer,
+        accelerator.num_processes,
+        preempted=preempted,
+        skipped_steps=counters["skipped_steps"],
+    )
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    sys.exit(PREEMPTED_EXIT_CODE if main().preempted else 0)
