@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -105,39 +106,115 @@ def test_non_finite_loss_stops_before_touching_weights(tmp_path, monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+# ---- two CPU processes (torchrun) ---------------------------------------------------------------------------------
+
+# 21 samples, 4 per process and micro-batch: 3 optimizer steps per epoch, the last padded with 3 repeats; 2 epochs.
+TWO_PROCESS = [*TINY, "procedural_images=21", "max_steps=6", "checkpoint_every=100"]
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _launch(dump_dir, output_dir, *extra, processes=2, faults=None):
+    """Run tests/pretrain_driver.py under torchrun (2 processes) or directly (1 process)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [
+        *(launcher if processes == 2 else [sys.executable]),
+        str(REPO / "tests" / "pretrain_driver.py"),
+        str(dump_dir),
+        str(processes),
+        *TWO_PROCESS,
+        f"output_dir={output_dir}",
+        *extra,
+    ]
+    env = {**ENV, **(faults or {})}
+    subprocess.run(command, check=True, env=env, cwd=output_dir.parent, timeout=900)
+
+
+def _dumped(dump_dir, rank):
+    tensors = load_file(dump_dir / f"rank{rank}.safetensors")
+    result = json.loads((dump_dir / f"result_rank{rank}.json").read_text())
+    keys = [tuple(k) for k in json.loads((dump_dir / f"keys_rank{rank}.json").read_text())]
+    return tensors, result, keys
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """An uninterrupted 2-process run of 6 steps: its dump folder and its output folder."""
+    root = tmp_path_factory.mktemp("two_processes")
+    _launch(root / "dump", root / "run", "grad_accum_steps=1")
+    return root / "dump", root / "run"
+
+
 @pytest.mark.slow
-def test_two_cpu_processes_agree_with_each_other_and_with_one_process(tmp_path):
-    common = [*TINY, "max_steps=3", "checkpoint_every=100"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    two = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(REPO / "tests" / "pretrain_driver.py"),
-        str(tmp_path / "dump2"),
-        "2",
-        *common,
-        f"output_dir={tmp_path / 'two'}",
-        "grad_accum_steps=1",
-    ]
-    subprocess.run(two, check=True, env=env, cwd=tmp_path, timeout=900)
-    one = [
-        sys.executable,
-        str(REPO / "tests" / "pretrain_driver.py"),
-        str(tmp_path / "dump1"),
-        "1",
-        *common,
-        f"output_dir={tmp_path / 'one'}",
-        "grad_accum_steps=2",
-    ]
-    subprocess.run(one, check=True, env=env, cwd=tmp_path, timeout=900)
-    rank0 = load_file(tmp_path / "dump2" / "rank0.safetensors")
-    rank1 = load_file(tmp_path / "dump2" / "rank1.safetensors")
-    single = load_file(tmp_path / "dump1" / "rank0.safetensors")
+def test_two_cpu_processes_agree_with_each_other_and_with_one_process(two_processes, tmp_path):
+    dump2, _ = two_processes
+    _launch(tmp_path / "dump1", tmp_path / "one", "grad_accum_steps=2", processes=1)
+    (rank0, result0, keys0), (rank1, result1, keys1) = _dumped(dump2, 0), _dumped(dump2, 1)
+    single, _, keys_single = _dumped(tmp_path / "dump1", 0)
+    assert result0["step"] == result1["step"] == 6
     assert rank0.keys() == rank1.keys() == single.keys()
-    for key in rank0:
+    assert any(k.startswith("teacher.") for k in rank0) and any(k.startswith("optimizer.") for k in rank0)
+    for key in rank0:  # student, teacher and optimizer state: bitwise equal on both ranks
         assert torch.equal(rank0[key], rank1[key]), f"ranks differ on {key}"
         torch.testing.assert_close(rank0[key], single[key], atol=1e-6, rtol=1e-5, msg=f"1 vs 2 processes: {key}")
+    # every sample of an epoch once, apart from the padding: the first 24 - 21 = 3 samples of the epoch's order
+    per_step = 8  # 2 processes x 4 samples
+    assert len(keys0) == len(keys1) == 6 * 4
+    union = [k for step in range(6) for k in keys0[step * 4 : (step + 1) * 4] + keys1[step * 4 : (step + 1) * 4]]
+    orders = {}
+    for epoch in (0, 1):
+        order = [index for e, index in union if e == epoch]
+        assert len(order) == 3 * per_step
+        assert sorted(set(order)) == list(range(21))
+        assert order[21:] == order[:3]  # the padding repeats the start of the epoch
+        orders[epoch] = order[:21]
+    assert orders[0] != orders[1]  # a new order each epoch
+    # the same seed gives the same order in another run: one process sees rank 0's then rank 1's part of each step
+    assert keys_single == union
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_and_resume_is_bitwise(two_processes, tmp_path):
+    reference_dump, reference_run = two_processes
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    _launch(tmp_path / "stopped", output_dir, faults={"CLOVE_TEST_SIGNAL": "1:2:SIGTERM"})
+    results = [_dumped(tmp_path / "stopped", rank)[1] for rank in (0, 1)]
+    # the signal reached rank 1 as step 2 began; both finished step 2 and stopped: 3 steps done
+    assert results[0] == results[1] == {"step": 3, "preempted": True, "skipped_steps": 0}
+    assert [s for s, _ in ckpt.complete_checkpoints(output_dir)] == [3]
+    assert not (output_dir / "export").exists()
+    _launch(tmp_path / "resumed", output_dir, "resume=auto")
+    assert _dumped(tmp_path / "resumed", 0)[1] == {"step": 6, "preempted": False, "skipped_steps": 0}
+    for rank in (0, 1):
+        expected, resumed = _dumped(reference_dump, rank)[0], _dumped(tmp_path / "resumed", rank)[0]
+        for key in expected:  # student, teacher and optimizer state of each rank
+            assert torch.equal(expected[key], resumed[key]), f"rank {rank}: {key}"
+    _, model_a, opt_a = _final_state(reference_run)
+    _, model_b, opt_b = _final_state(output_dir)
+    for key in model_a:  # the checkpoint, BatchNorm statistics included
+        assert torch.equal(model_a[key], model_b[key]), key
+    for index, state in opt_a["state"].items():
+        assert torch.equal(state["momentum_buffer"], opt_b["state"][index]["momentum_buffer"]), index
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_a_nan_on_one_of_two_processes_stops_or_skips_on_both(tmp_path, policy):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    _launch(tmp_path / "dump", output_dir, f"nonfinite_loss={policy}", faults={"CLOVE_TEST_NAN": "1:2"})
+    results = [_dumped(tmp_path / "dump", rank)[1] if policy == "skip" else None for rank in (0, 1)]
+    if policy == "stop":
+        for rank in (0, 1):
+            result = json.loads((tmp_path / "dump" / f"result_rank{rank}.json").read_text())
+            assert result["error"] == "NonFiniteLossError" and result["step"] == 2
+            assert "non-finite loss at step 2 on 1 process(es)" in result["message"]
+        return
+    assert results[0] == results[1] == {"step": 6, "preempted": False, "skipped_steps": 1}
+    rank0, rank1 = _dumped(tmp_path / "dump", 0)[0], _dumped(tmp_path / "dump", 1)[0]
+    for key in rank0:
+        assert torch.isfinite(rank0[key]).all(), key
+        assert torch.equal(rank0[key], rank1[key]), key
+    for rank in (0, 1):
+        for key, value in load_file(tmp_path / "dump" / f"buffers_rank{rank}.safetensors").items():
+            assert torch.isfinite(value.float()).all(), f"rank {rank}: {key}"

@@ -47,6 +47,26 @@ def test_two_processes_split_each_micro_batch_of_one_process():
         assert rank1[m * 4 : (m + 1) * 4] == block[4:]
 
 
+def test_two_ranks_together_see_every_sample_once_per_epoch_apart_from_padding():
+    plan = BatchPlan(per_device_batch=3, grad_accum_steps=2, num_processes=2)  # global batch 12
+    # 29 samples: ceil(29 / 12) = 3 steps per epoch = 36 slots, so 36 - 29 = 7 padded repeats per epoch
+    rank0, rank1 = _keys(29, plan, rank=0, total=6, seed=4), _keys(29, plan, rank=1, total=6, seed=4)
+    assert len(rank0) == len(rank1) == 6 * 6
+    orders = {}
+    for epoch in (0, 1):
+        mine = [[i for e, i in keys if e == epoch] for keys in (rank0, rank1)]
+        counts = Counter(mine[0] + mine[1])
+        assert set(counts) == set(range(29)) and sum(counts.values()) == 36
+        assert sorted(counts.values()) == [1] * 22 + [2] * 7  # 7 samples twice (the padding), the others once
+        # one rank's share never repeats a sample outside the padding
+        assert len(mine[0]) - len(set(mine[0])) + len(mine[1]) - len(set(mine[1])) <= 7
+        orders[epoch] = mine
+    assert orders[0] != orders[1]  # another order each epoch
+    again = _keys(29, plan, rank=0, total=6, seed=4), _keys(29, plan, rank=1, total=6, seed=4)
+    assert again == (rank0, rank1)  # the same seed, the same order in any run
+    assert _keys(29, plan, rank=0, total=6, seed=5) != rank0
+
+
 def test_starting_at_a_step_continues_the_same_sequence():
     plan = BatchPlan(per_device_batch=3, grad_accum_steps=2, num_processes=1)
     full = _keys(17, plan, total=9)
