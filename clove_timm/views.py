@@ -30,6 +30,7 @@ Symbols used in this module:
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -599,24 +600,49 @@ def _gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable Gaussian blur with a per-view sigma, replicate padding, one grouped convolution per axis.
+def _pil_blur_radius(max_sigma: float) -> int:
+    """Reach of the box of :func:`_pil_box_kernels` for sigmas up to ``max_sigma`` (``l + 1`` taps each side)."""
+    return math.floor((math.sqrt(4.0 * max_sigma**2 + 1.0) - 1.0) / 2.0) + 1
+
+
+def _pil_box_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """(M,) sigmas -> (M, 2 * radius + 1): one pass of PIL's ``GaussianBlur(radius=sigma)``, in float.
+
+    PIL blurs with three passes of an extended box filter along each axis (Gwosdek et al., SSVM 2011; Pillow
+    ``BoxBlur.c``): ``2 l + 1`` taps of weight 1 and one tap of weight ``a`` on each side, normalized, where ``l``
+    and ``a`` are chosen so that the three passes have variance exactly ``sigma ** 2``. ``radius`` must be at least
+    :func:`_pil_blur_radius` of the largest sigma.
+    """
+    sigma2 = sigma.float().view(-1, 1) ** 2 / 3.0  # variance of one pass
+    inner = torch.floor((torch.sqrt(12.0 * sigma2 + 1.0) - 1.0) / 2.0)  # l
+    fraction = (2.0 * inner + 1.0) * (inner * (inner + 1.0) - 3.0 * sigma2) / (6.0 * (sigma2 - (inner + 1.0) ** 2))
+    distance = torch.arange(-radius, radius + 1, dtype=torch.float32, device=sigma.device).abs().view(1, -1)
+    box = torch.where(distance <= inner, 1.0, torch.where(distance == inner + 1.0, fraction, 0.0))  # (M, K)
+    return box / box.sum(dim=1, keepdim=True)
+
+
+def _separable_blur(x: torch.Tensor, kernels: torch.Tensor, passes: int) -> torch.Tensor:
+    """Separable blur with a per-view kernel: ``passes`` passes along W, then along H, one grouped convolution each.
+
+    Every pass pads by replicating the edge pixels, as PIL's box blurs (which the reference uses) do.
 
     Args:
         x: (M, 3, H, W).
-        sigma: (M,) standard deviation in pixels (> 0).
-        radius: kernel radius; the kernel has ``2 * radius + 1`` taps for every view.
+        kernels: (M, 2 R + 1) normalized 1-D kernels, the same for both axes.
+        passes: passes per axis.
 
     Returns:
         (M, 3, H, W), a new tensor.
     """
     m, c, h, w = x.shape
+    radius = kernels.shape[1] // 2
     # (M, K) -> (M*3, K): the same kernel for the 3 channels of a view; one convolution group per channel.
-    kernel = _gaussian_kernels(sigma, radius).to(x.dtype).repeat_interleave(c, dim=0)
-    # Replicate padding: PIL's box blurs, which the reference uses, extend the edge pixels the same way.
-    padded = F.pad(x.reshape(1, m * c, h, w), (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(padded, kernel.view(m * c, 1, 1, -1), groups=m * c)  # along W
-    out = F.conv2d(out, kernel.view(m * c, 1, -1, 1), groups=m * c)  # along H
+    kernel = kernels.to(x.dtype).repeat_interleave(c, dim=0)
+    out = x.reshape(1, m * c, h, w)
+    for _ in range(passes):
+        out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="replicate"), kernel.view(m * c, 1, 1, -1), groups=m * c)
+    for _ in range(passes):
+        out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="replicate"), kernel.view(m * c, 1, -1, 1), groups=m * c)
     # (1, M*3, H, W) -> (M, 3, H, W)
     return out.view(m, c, h, w)
 
@@ -629,33 +655,33 @@ _PER_VIEW_BLUR_MIN_PIXELS = 96 * 96
 _NEGLIGIBLE_TAP = 1e-12
 
 
-def _gaussian_blur_views_(x: torch.Tensor, rows: Sequence[int], sigma: torch.Tensor, radius: int) -> None:
-    """The blur of :func:`_gaussian_blur`, in place, one view at a time, as shifted adds with host-side weights.
+def _separable_blur_views_(x: torch.Tensor, rows: Sequence[int], kernels: torch.Tensor, passes: int) -> None:
+    """The blur of :func:`_separable_blur`, in place, one view at a time, as shifted adds with host-side weights.
 
-    Each view needs only small temporaries (no batch-sized allocation) and only the taps its own sigma reaches.
+    Each view needs only small temporaries (no batch-sized allocation) and only the taps its own kernel reaches.
 
     Args:
         x: (M, 3, H, W), the listed rows modified in place.
         rows: indices of the rows to blur.
-        sigma: (M,) standard deviation in pixels of every row.
-        radius: kernel radius of the full kernel.
+        kernels: (M, 2 R + 1) symmetric normalized 1-D kernels of every row.
+        passes: passes per axis.
     """
     if not rows:
         return
     _, _, height, width = x.shape
-    kernels = _gaussian_kernels(sigma[list(rows)], radius).tolist()
-    for row, weights in zip(rows, kernels, strict=True):
+    radius = kernels.shape[1] // 2
+    for row, weights in zip(rows, kernels[list(rows)].tolist(), strict=True):
         reach = radius - next(i for i, weight in enumerate(weights) if weight >= _NEGLIGIBLE_TAP)
         weights = weights[radius - reach : radius + reach + 1]
         view = x[row]  # (3, H, W)
-        padded = F.pad(view, (reach, reach, 0, 0), mode="replicate")  # along W
-        blurred = padded[:, :, :width] * weights[0]
-        for tap in range(1, 2 * reach + 1):
-            blurred.add_(padded[:, :, tap : tap + width], alpha=weights[tap])
-        padded = F.pad(blurred, (0, 0, reach, reach), mode="replicate")  # along H
-        torch.mul(padded[:, :height], weights[0], out=view)
-        for tap in range(1, 2 * reach + 1):
-            view.add_(padded[:, tap : tap + height], alpha=weights[tap])
+        for axis_pass in range(2 * passes):
+            along_width = axis_pass < passes
+            padded = F.pad(view, (reach, reach, 0, 0) if along_width else (0, 0, reach, reach), mode="replicate")
+            # The window of tap t: columns (or rows) t .. t + size - 1 of the padded view.
+            dim, size = (2, width) if along_width else (1, height)
+            torch.mul(padded.narrow(dim, 0, size), weights[0], out=view)
+            for tap in range(1, 2 * reach + 1):
+                view.add_(padded.narrow(dim, tap, size), alpha=weights[tap])
 
 
 def _update_rows_(
@@ -723,12 +749,15 @@ class MultiCropPhotometric(nn.Module):
       (``torchvision.transforms.v2.functional``). The reference's PIL ops round to uint8 after every op, take
       the contrast mean as a rounded integer and shift hue on an 8-bit HSV image, so its views differ from these
       by such rounding, not in distribution (``tests/test_views_distribution.py`` compares the two).
-    * Blur: the reference's PIL ``GaussianBlur(radius=sigma)`` approximates a Gaussian of standard deviation
-      sigma with three box-blur passes. Here the blur is an exact sampled Gaussian, separable, with
-      ``2 * ceil(3 * max(blur_sigma)) + 1`` taps shared by the batch and each view's own sigma; edges replicate,
-      as in PIL. Both have variance sigma^2; the shapes differ slightly (box passes give a piecewise-quadratic
-      kernel). On CUDA, cuDNN may run this convolution in TF32 (``torch.backends.cudnn.allow_tf32``), about 1e-3
-      relative, far below the reference's 8-bit rounding.
+    * Blur: the reference's PIL ``GaussianBlur(radius=sigma)`` is three passes of an extended box filter whose
+      variance is exactly sigma^2. The default here is a sampled Gaussian, separable, with
+      ``2 * ceil(3 * max(blur_sigma)) + 1`` taps shared by the batch and each view's own sigma; edges replicate, as
+      in PIL. Its variance equals sigma^2 from sigma = 0.7 up, but falls below it for smaller sigmas (0.21 instead
+      of 0.25 at sigma 0.5, 0.008 instead of 0.09 at 0.3, almost 0 at 0.1): the mildest of the reference's blurs
+      come out milder (``tests/test_views_distribution.py`` measures it). ``blur_kernel="pil"`` runs the
+      reference's own filter, three box passes per axis with edge replication, in float. On CUDA, cuDNN may run the
+      blur convolution in TF32 (``torch.backends.cudnn.allow_tf32``), about 1e-3 relative, far below the
+      reference's 8-bit rounding.
     * Solarize: the reference's ``ImageOps.solarize`` (threshold 128) inverts uint8 values >= 128; the default
       ``solarize_threshold = 128 / 255`` inverts exactly the same grey levels of an unjittered image.
 
@@ -747,6 +776,8 @@ class MultiCropPhotometric(nn.Module):
         solarize_threshold: solarize threshold on [0, 1] pixel values.
         mean: per-channel normalization mean (RGB).
         std: per-channel normalization standard deviation (RGB).
+        blur_kernel: ``"gaussian"``, a sampled Gaussian (default), or ``"pil"``, the three-pass extended box filter
+            of the reference's PIL ``GaussianBlur`` (see the blur deviation above).
         subset_rows: apply each op to the rows that drew it only (host-side decisions) or to all rows with masks
             (no device synchronisation); ``None`` picks subsets on the CPU and masks on any other device.
     """
@@ -768,6 +799,7 @@ class MultiCropPhotometric(nn.Module):
         solarize_threshold: float = 128.0 / 255.0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        blur_kernel: str = "gaussian",
         subset_rows: bool | None = None,
     ) -> None:
         super().__init__()
@@ -785,7 +817,14 @@ class MultiCropPhotometric(nn.Module):
         self.hue = float(hue)
         self.grayscale_p = _check_probability(grayscale_p, "grayscale_p")
         self.blur_sigma = _check_range(blur_sigma, "blur_sigma", positive=True)
-        self.blur_radius = math.ceil(3.0 * self.blur_sigma[1])
+        if blur_kernel not in ("gaussian", "pil"):
+            raise ValueError(f"blur_kernel must be 'gaussian' or 'pil', got {blur_kernel!r}")
+        self.blur_kernel = blur_kernel
+        # Kernel radius and passes per axis: one Gaussian, or the three box passes of PIL.
+        if blur_kernel == "gaussian":
+            self.blur_radius, self.blur_passes = math.ceil(3.0 * self.blur_sigma[1]), 1
+        else:
+            self.blur_radius, self.blur_passes = _pil_blur_radius(self.blur_sigma[1]), 3
         if len(global_blur_p) < 1 or len(global_blur_p) != len(global_solarize_p):
             raise ValueError(
                 "global_blur_p and global_solarize_p need one probability per global view (same length >= 1), "
@@ -816,7 +855,7 @@ class MultiCropPhotometric(nn.Module):
             f"grayscale_p={self.grayscale_p}, blur_sigma={self.blur_sigma}, global_blur_p={self.global_blur_p}, "
             f"local_blur_p={self.local_blur_p}, global_solarize_p={self.global_solarize_p}, "
             f"local_solarize_p={self.local_solarize_p}, solarize_threshold={self.solarize_threshold:.6f}, "
-            f"subset_rows={self.subset_rows}"
+            f"blur_kernel={self.blur_kernel!r}, subset_rows={self.subset_rows}"
         )
 
     def _color_jitter_(self, x: torch.Tensor, params: torch.Tensor, subset: bool) -> None:
@@ -950,10 +989,13 @@ class MultiCropPhotometric(nn.Module):
         if max(blur_p) > 0:
             blur = params[:, PhotometricParam.BLUR_APPLY] < blur_p_rows
             sigma = _lerp(params[:, PhotometricParam.BLUR_SIGMA], *self.blur_sigma)
+            make_kernels = _gaussian_kernels if self.blur_kernel == "gaussian" else _pil_box_kernels
+            kernels = make_kernels(sigma, self.blur_radius)  # (M, 2 R + 1)
             if subset and height * width >= _PER_VIEW_BLUR_MIN_PIXELS:
-                _gaussian_blur_views_(x, blur.nonzero().squeeze(1).tolist(), sigma, self.blur_radius)
+                _separable_blur_views_(x, blur.nonzero().squeeze(1).tolist(), kernels, self.blur_passes)
             else:
-                _update_rows_(x, blur, subset, lambda rows, s: _gaussian_blur(rows, s, self.blur_radius), sigma)
+                blur_rows = functools.partial(_separable_blur, passes=self.blur_passes)
+                _update_rows_(x, blur, subset, blur_rows, kernels)
         if max(solarize_p) > 0:
             solarize = params[:, PhotometricParam.SOLARIZE_APPLY] < solarize_p_rows
             _update_rows_(x, solarize, subset, lambda rows: _solarize(rows, self.solarize_threshold))

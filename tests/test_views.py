@@ -441,6 +441,34 @@ def test_large_views_match_torchvision_composition(subset_rows):
             torch.testing.assert_close(out[v * batch + b], x, rtol=0, atol=3e-5)
 
 
+@pytest.mark.parametrize(("size", "subset_rows"), [(20, True), (20, False), (100, True)])
+def test_pil_blur_kernel_matches_pillow(size, subset_rows):
+    """``blur_kernel="pil"`` against PIL's own GaussianBlur: equal up to PIL's rounding to 8 bits after each of its
+    six passes (at most 3 grey levels), also at the borders. Size 100 takes the view-by-view CPU blur."""
+    from PIL import ImageFilter
+
+    module = MultiCropPhotometric(
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        global_blur_p=(1.0, 1.0),
+        global_solarize_p=(0.0, 0.0),
+        blur_kernel="pil",
+        subset_rows=subset_rows,
+        **_NO_NORMALIZE,
+    )
+    views = _random_views(2, 2, size, seed=20)
+    params = sample_photometric_params((2, 2), generator=torch.Generator().manual_seed(21))
+    params[..., PhotometricParam.BLUR_SIGMA] = torch.tensor([[0.0, 0.2], [0.5, 1.0]])  # sigma 0.1, 0.48, 1.05, 2.0
+    out, _ = module(views, _random_views(2, 0, 8, seed=0), params)
+    for v in range(2):
+        for b in range(2):
+            sigma = 0.1 + 1.9 * params[b, v, PhotometricParam.BLUR_SIGMA].item()
+            image = Image.fromarray(views[b, v].permute(1, 2, 0).numpy())
+            expected = torch.from_numpy(np.asarray(image.filter(ImageFilter.GaussianBlur(sigma))).copy())
+            difference = (out[v * 2 + b] * 255.0 - expected.permute(2, 0, 1).float()).abs()
+            assert difference.max() <= 3.0 and difference.mean() < 1.5
+
+
 def test_subset_and_mask_paths_agree_and_leave_inputs_alone():
     batch = 40
     global_views, local_views = _random_views(batch, 2, 12, seed=14), _random_views(batch, 4, 6, seed=15)
