@@ -161,3 +161,13 @@ def test_gradscaler_overflows_in_a_row_stop_before_the_scale_decays_to_nothing(t
     _Faults(monkeypatch, grad_inf=range(1, 20))
     with pytest.raises(pretrain.SkippedStepsError, match=r"4 optimizer steps in a row .* \(loss scale now 4096\)"):
         _run(tmp_path, "max_steps=10", "max_skipped_steps_in_row=4")  # 65536 / 2**4 = 4096
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with accelerate's GradScaler needs CUDA")
+def test_fp16_on_cuda_counts_gradscaler_skips(tmp_path, monkeypatch, fresh_accelerate_state):
+    faults = _Faults(monkeypatch, grad_inf=(1, 2))
+    result = _run(tmp_path, "cpu=false", "mixed_precision=fp16", "max_steps=4", "checkpoint_every=100")
+    assert result.step == 4 and result.skipped_steps >= 2  # the two injected overflows, and any natural ones
+    scale = torch.load(ckpt.latest_checkpoint(tmp_path) / "scaler.pt", weights_only=True)["scale"]
+    assert scale == 2.0**16 / 2**result.skipped_steps  # each skip halved it; no growth within 2000 steps
+    assert all(_all_finite(faults.models[-1].state_dict()).values())
