@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from tests.test_pretrain import TINY
 from training import checkpoint as ckpt
 from training import pretrain
+from training.data import worker_init
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,6 +84,33 @@ def test_a_signal_at_a_checkpoint_step_writes_that_checkpoint_once(tmp_path, mon
     result = _run(tmp_path, "max_steps=4", "checkpoint_every=2")
     assert result.preempted and result.step == 2
     assert saved == [2]  # rewriting a complete checkpoint would open a window with none
+
+
+class _WorkerPids(torch.utils.data.Dataset):
+    """Each item is the pid of the DataLoader worker that produced it."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        time.sleep(0.005)
+        return os.getpid()
+
+
+@pytest.mark.parametrize("ignore", [True, False], ids=["workers_ignore", "default_action"])
+def test_data_workers_survive_a_signal_meant_for_the_whole_job(ignore):
+    init = worker_init(["SIGTERM", "SIGUSR1"]) if ignore else None
+    loader = DataLoader(_WorkerPids(), batch_size=2, num_workers=2, worker_init_fn=init)
+    batches = iter(loader)
+    pids = {pid for _ in range(4) for pid in next(batches).tolist()}
+    assert len(pids) == 2 and os.getpid() not in pids
+    for pid in pids:  # what a scheduler does to every process of a preempted job
+        os.kill(pid, signal.SIGTERM)
+    if ignore:
+        assert len(list(batches)) == 32 - 4
+    else:  # without the worker_init_fn the data pipeline dies with the workers
+        with pytest.raises(RuntimeError, match=r"DataLoader worker .*(killed by signal|exited unexpectedly)"):
+            list(batches)
 
 
 def test_unknown_signal_names_are_refused(tmp_path):
