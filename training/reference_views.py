@@ -110,6 +110,7 @@ class ReferenceMultiCrop:
         global_solarize_p: solarize probability of each global view.
         local_solarize_p: solarize probability of the local views.
         normalize: apply ``Normalize`` (ImageNet mean and std) after ``ToTensor``.
+        interpolation: resampling of the crops (the reference: bicubic; tests that need only the boxes use nearest).
     """
 
     def __init__(
@@ -134,6 +135,7 @@ class ReferenceMultiCrop:
         global_solarize_p: Sequence[float] = (0.0, 0.2),
         local_solarize_p: float = 0.0,
         normalize: bool = True,
+        interpolation: InterpolationMode = InterpolationMode.BICUBIC,
     ) -> None:
         if len(global_blur_p) != len(global_solarize_p) or not global_blur_p:
             raise ValueError("global_blur_p and global_solarize_p need one probability per global view")
@@ -154,6 +156,7 @@ class ReferenceMultiCrop:
         self.global_solarize_p = tuple(global_solarize_p)
         self.local_solarize_p = local_solarize_p
         self.normalize = normalize
+        self.interpolation = interpolation
 
     @property
     def num_global(self) -> int:
@@ -165,7 +168,7 @@ class ReferenceMultiCrop:
         width, height = image.size
         i, j, h, w = reference_crop_params(height, width, scale=scale, ratio=self.ratio)
         box = torch.tensor([j / (width - 1), i / (height - 1), (j + w - 1) / (width - 1), (i + h - 1) / (height - 1)])
-        view = TF.resized_crop(image, i, j, h, w, [size, size], InterpolationMode.BICUBIC)
+        view = TF.resized_crop(image, i, j, h, w, [size, size], self.interpolation)
         if random.random() < self.flip_p:
             view = TF.hflip(view)
             box = box[[2, 1, 0, 3]]
