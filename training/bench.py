@@ -144,6 +144,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="channels-last model and inputs (default: on for cuda, off for cpu, as the recipe)",
     )
     step.add_argument("--compile", action="store_true", help="torch.compile the CLoVE model and the bare backbone")
+    step.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let cuDNN pick the fastest convolution algorithms for the fixed shapes (cuda only; default on)",
+    )
     step.add_argument("--warmup", type=int, help="untimed steps before timing (cpu 2, cuda 10)")
     step.add_argument("--repeats", type=int, help="timed steps; the median is reported (cpu 5, cuda 20)")
     step.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known bf16 peaks)")
@@ -351,9 +357,8 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any
     backbone = backbone.to(device, memory_format=memory_format).train()
     sgd = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
 
-    clove_forward, bare_forward = model, backbone.forward_features
-    if args.compile:
-        clove_forward, bare_forward = torch.compile(model), torch.compile(backbone.forward_features)
+    # The forward functions the steps call: eager for counting FLOPs, then compiled when asked.
+    forwards = {"clove": model, "bare": backbone.forward_features}
     fp16 = args.mixed_precision == "fp16"
     clove_scaler = torch.amp.GradScaler(device.type) if fp16 else None
     bare_scaler = torch.amp.GradScaler(device.type) if fp16 else None
@@ -369,7 +374,7 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any
             group["lr"] = lr
         # forward + loss
         with _autocast(device, args.mixed_precision):
-            out = clove_forward(global_in, local_in)
+            out = forwards["clove"](global_in, local_in)
         loss = criterion(out.student_global, out.student_local, out.teacher_global, global_boxes, local_boxes)
         # backward + optimizer step
         if clove_scaler is not None:
@@ -386,7 +391,7 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any
 
     def bare_step() -> torch.Tensor:
         with _autocast(device, args.mixed_precision):
-            features = [bare_forward(global_in)] + ([bare_forward(local_in)] if local_in is not None else [])
+            features = [forwards["bare"](global_in)] + ([forwards["bare"](local_in)] if local_in is not None else [])
         loss = sum(f.float().mean() for f in features)
         if bare_scaler is not None:
             bare_scaler.scale(loss).backward()
@@ -399,13 +404,10 @@ def build_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         return loss.detach()
 
     # Counted on the eager modules (the same arithmetic as compiled ones) before any timing.
-    return {
-        "clove_step": clove_step,
-        "bare_step": bare_step,
-        "clove_flops": count_flops(clove_step),
-        "bare_flops": count_flops(bare_step),
-        "memory_format": memory_format,
-    }
+    flops = {"clove_flops": count_flops(clove_step), "bare_flops": count_flops(bare_step)}
+    if args.compile:
+        forwards.update({name: torch.compile(forward) for name, forward in forwards.items()})
+    return {"clove_step": clove_step, "bare_step": bare_step, "memory_format": memory_format, **flops}
 
 
 def _count_host_syncs(step: Callable[[], Any]) -> int:
@@ -719,6 +721,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     started = time.perf_counter()
     result: dict[str, Any] = {"device": args.device, "environment": environment(device)}
     result["config"] = {
@@ -727,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "backbone", "output_stride", "batch_size", "global_size", "local_size", "num_local", "proj_hidden_dim",
             "embed_dim", "num_heads", "mixed_precision", "channels_last", "compile", "warmup", "repeats",
             "data_global_size", "data_local_size", "data_images", "data_batch", "data_samples", "data_rounds",
-            "threads", "seed",
+            "threads", "cudnn_benchmark", "seed",
         )
     }  # fmt: skip
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
