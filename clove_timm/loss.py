@@ -96,6 +96,19 @@ def _hard_negative_term(similarity: torch.Tensor, negative: torch.Tensor, num_ne
     return total / cells_with_negatives.clamp_min(1)
 
 
+def _off_diagonal(x: torch.Tensor) -> torch.Tensor:
+    """(V, V, ...) -> (V*(V-1), ...): the entries with row != column, row-major.
+
+    Reshapes only (no boolean indexing, which would wait for the device to count the selected entries): in the
+    flattened matrix the diagonal entries are every (V+1)-th, so dropping the first entry and viewing the rest as
+    rows of V+1 puts each remaining diagonal entry in the last column.
+    """
+    v, rest = x.shape[0], x.shape[2:]
+    if v == 1:
+        return x.flatten(0, 1)[:0]
+    return x.flatten(0, 1)[1:].reshape(v - 1, v + 1, *rest)[:, :v].reshape(v * (v - 1), *rest)
+
+
 def _pair_losses(
     pos_sim: torch.Tensor,
     neg_sim: torch.Tensor,
@@ -343,8 +356,7 @@ class CLoVELoss(nn.Module):
         pos = pos.view(num_s, num_t, batch, hs * ws, ht * wt)  # (Vs*Vt*B, Ls, Lt) -> (Vs, Vt, B, Ls, Lt)
 
         if same_views:
-            off_diagonal = ~torch.eye(num_s, dtype=torch.bool, device=student.device)
-            similarity, pos = similarity[off_diagonal], pos[off_diagonal]  # (Vs*(Vs-1), B, Ls, Lt)
+            similarity, pos = _off_diagonal(similarity), _off_diagonal(pos)  # (Vs*(Vs-1), B, Ls, Lt)
         else:
             similarity, pos = similarity.flatten(0, 1), pos.flatten(0, 1)  # (Vs*Vt, B, Ls, Lt)
 

@@ -326,3 +326,12 @@ def test_bad_shapes_are_named():
         clove_pair_loss(q, q, torch.zeros(3, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="G\\*B"):
         CLoVELoss()(q, None, q[:1], torch.zeros(2, 2, 4) + 0.5)
+
+
+@pytest.mark.parametrize("views", [1, 2, 3, 4])
+def test_off_diagonal_selection_by_reshape(views):
+    from clove_timm.loss import _off_diagonal
+
+    x = torch.arange(views * views * 2).view(views, views, 2)
+    expected = [x[i, j].tolist() for i in range(views) for j in range(views) if i != j]
+    assert _off_diagonal(x).tolist() == expected
