@@ -280,6 +280,8 @@ def _train(config: PretrainConfig, recipe: str | None, stop_request: StopRequest
     model = build_model(config)
     criterion = build_criterion(config).to(device)
     on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True  # fixed view sizes: let cuDNN pick its fastest kernels once
     if on_cuda and accelerator.num_processes > 1 and config.sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if on_cuda and config.channels_last else torch.contiguous_format
@@ -379,9 +381,10 @@ def _train(config: PretrainConfig, recipe: str | None, stop_request: StopRequest
             # forward + loss
             global_views = batch["global_views"].to(device, non_blocking=True)
             local_views = batch["local_views"].to(device, non_blocking=True)
-            global_in, local_in = photometric(global_views, local_views, batch["photometric_params"])
-            global_in = global_in.contiguous(memory_format=memory_format)
-            local_in = local_in.contiguous(memory_format=memory_format) if local_in.shape[0] else None
+            global_in, local_in = photometric(
+                global_views, local_views, batch["photometric_params"], memory_format=memory_format
+            )
+            local_in = local_in if local_in.shape[0] else None
             boxes = batch["boxes"].to(device, non_blocking=True).transpose(0, 1)  # (B, V, 4) -> (V, B, 4)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
