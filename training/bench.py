@@ -79,8 +79,8 @@ _PEAK_TFLOPS = (
     ("L4", 121.0),
 )
 
-# Defaults per device. CPU: the demo recipe's model and views (training/recipes/demo.yaml: stride-16 ResNet-18,
-# 64 / 32 px views, small heads), which finish in under two minutes on 2 cores. CUDA: the paper's recipe
+# Defaults per device. CPU: a stride-16 ResNet-18 with the demo recipe's 64 / 32 px views and small heads, which
+# finishes in under two minutes on 2 cores. CUDA: the paper's recipe
 # (ResNet-50, 224 / 96 px views, batch 256 per GPU, heads 4096 / 256 / 8, bf16).
 _DEFAULTS = {
     "cpu": {
