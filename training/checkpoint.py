@@ -26,9 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from clove_timm.checkpoint_io import UnsafeCheckpointError
+from clove_timm.checkpoint_io import UnsafeCheckpointError, pickle_globals_outside
 
 _logger = logging.getLogger(__name__)
 
@@ -169,12 +167,11 @@ def check_pickles(checkpoint: Path) -> None:
         if path.name == MARKER or path.name.endswith(_NOT_PICKLE_SUFFIXES):
             continue
         try:
-            referenced = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+            offending = pickle_globals_outside(path, PICKLE_ALLOWED_GLOBALS)
         except (ValueError, RuntimeError, OSError) as e:
             raise UnsafeCheckpointError(
                 f"checkpoint {checkpoint}: {path.name} is not a torch.save archive ({e}); refusing to unpickle it"
             ) from e
-        offending = sorted(set(referenced) - PICKLE_ALLOWED_GLOBALS)
         if offending:
             raise UnsafeCheckpointError(
                 f"checkpoint {checkpoint}: {path.name} references {', '.join(offending)}, outside the allow-list "
