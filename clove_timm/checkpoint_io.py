@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import pickle
 import re
@@ -243,6 +244,33 @@ def _load_safetensors(path: Path) -> SourceCheckpoint:
     return SourceCheckpoint(path, sha256, detect_layout(state_dict), state_dict, metadata)
 
 
+# A pretraining checkpoint folder (``training/checkpoint.py``) is sealed by this manifest, written last; its
+# ``trainer_state.json`` tells such a folder from any other folder holding a model.safetensors.
+_TRAINING_MANIFEST = "COMPLETE"
+_TRAINING_STATE = "trainer_state.json"
+
+
+def _check_training_manifest(folder: Path, source: SourceCheckpoint) -> None:
+    """Refuse a pretraining checkpoint folder that was not sealed, or whose weights differ from its manifest."""
+    marker = folder / _TRAINING_MANIFEST
+    if not marker.is_file():
+        if (folder / _TRAINING_STATE).is_file():
+            raise CheckpointFormatError(
+                f"{folder}: pretraining checkpoint without its {_TRAINING_MANIFEST} manifest (the run stopped while "
+                "saving it?); export a complete checkpoint"
+            )
+        return
+    try:
+        entry = json.loads(marker.read_text())["files"][SAFETENSORS_NAME]
+        size, digest = int(entry["size"]), str(entry["sha256"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointFormatError(f"{marker}: no usable entry for {SAFETENSORS_NAME} ({error})") from error
+    if source.path.stat().st_size != size or source.sha256 != digest:
+        raise CheckpointFormatError(
+            f"{source.path}: does not match the size and sha256 recorded in {marker}; the checkpoint is damaged"
+        )
+
+
 def load_source_checkpoint(src: str | Path) -> SourceCheckpoint:
     """Read any accepted pretraining checkpoint (see the module docstring) without executing code from it.
 
@@ -256,7 +284,8 @@ def load_source_checkpoint(src: str | Path) -> SourceCheckpoint:
     Raises:
         FileNotFoundError: ``src`` does not exist, or a directory lacks ``model.safetensors``.
         UnsafeCheckpointError: a pickle references a global outside the allow-list.
-        CheckpointFormatError: the file's format or structure is not one of the accepted ones.
+        CheckpointFormatError: the file's format or structure is not one of the accepted ones, or a pretraining
+            checkpoint folder is unsealed or does not match its ``COMPLETE`` manifest.
     """
     src = Path(src)
     if src.is_dir():
@@ -267,7 +296,9 @@ def load_source_checkpoint(src: str | Path) -> SourceCheckpoint:
                 f"{src}: checkpoint directory without {SAFETENSORS_NAME} (contains {present}); "
                 "pass the file itself for other formats"
             )
-        return _load_safetensors(path)
+        source = _load_safetensors(path)
+        _check_training_manifest(src, source)
+        return source
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such checkpoint file or directory")
     if src.name.endswith(".safetensors"):

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -365,3 +366,24 @@ def test_checkpoint_directory_without_safetensors(tmp_path):
     (tmp_path / "optimizer.bin").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match=r"without model\.safetensors"):
         load_source_checkpoint(tmp_path)
+
+
+def test_pretraining_checkpoint_folders_are_exported_only_when_sealed(tmp_path):
+    from training import checkpoint as ckpt
+
+    # A folder as the pretraining loop leaves it: written under a temporary name, then sealed with COMPLETE.
+    tmp = ckpt.temporary_dir(tmp_path, 7)
+    write_clove_checkpoint_dir(tmp, arch="resnet10t", seed=0)
+    ckpt.write_json_atomic(tmp / ckpt.TRAINER_STATE, {"step": 7})
+    unsealed = tmp_path / "unsealed"
+    shutil.copytree(tmp, unsealed)
+    sealed = ckpt.finalize(tmp, tmp_path, 7, keep=1)
+    assert load_source_checkpoint(sealed).layout == "clove_timm"
+    with pytest.raises(CheckpointFormatError, match="without its COMPLETE manifest"):
+        load_source_checkpoint(unsealed)
+    model = sealed / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0x01  # one flipped bit in the last tensor's bytes: still a readable file
+    model.write_bytes(bytes(data))
+    with pytest.raises(CheckpointFormatError, match="does not match the size and sha256"):
+        load_source_checkpoint(sealed)
