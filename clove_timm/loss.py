@@ -271,7 +271,9 @@ class CLoVELoss(nn.Module):
         teacher_global: torch.Tensor,
         global_boxes: torch.Tensor,
         local_boxes: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        *,
+        return_parts: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss over all (student view, teacher view) pairs.
 
         Views are stacked view-major on the batch axis, as the backbone sees them: row ``v * B + b`` is view ``v``
@@ -283,9 +285,12 @@ class CLoVELoss(nn.Module):
             teacher_global: (G*B, C, Ht, Wt) teacher maps of the global views, L2-normalized over C.
             global_boxes: (G, B, 4) boxes of the global views.
             local_boxes: (N, B, 4) boxes of the local views, or None when N = 0.
+            return_parts: also return the parts of the loss, detached, for logging: ``global`` and ``local`` (mean
+                loss of the global-global and local-global pairs), ``pos_similarity`` and ``neg_similarity`` (mean
+                positive and hard-negative cosine similarity over all pairs; no negatives for the l2 objective).
 
         Returns:
-            Scalar loss (float32).
+            Scalar loss (float32), and with ``return_parts`` the dict of scalar parts.
         """
         _check_map(student_global, "student_global")
         _check_map(teacher_global, "teacher_global")
@@ -302,7 +307,11 @@ class CLoVELoss(nn.Module):
 
         with _fp32_disabled_autocast(student_global.device.type):
             teacher = teacher_global.float()
-            losses = [self._view_losses(student_global.float(), teacher, global_boxes, global_boxes, same_views=True)]
+            terms = {
+                "global": self._view_losses(
+                    student_global.float(), teacher, global_boxes, global_boxes, same_views=True
+                )
+            }
             if student_local is not None:
                 _check_map(student_local, "student_local")
                 if local_boxes.ndim != 3 or local_boxes.shape[1:] != (batch, 4):
@@ -312,10 +321,17 @@ class CLoVELoss(nn.Module):
                         f"student_local has {student_local.shape[0]} rows, "
                         f"expected N*B = {local_boxes.shape[0]}*{batch}"
                     )
-                losses.append(
-                    self._view_losses(student_local.float(), teacher, local_boxes, global_boxes, same_views=False)
+                terms["local"] = self._view_losses(
+                    student_local.float(), teacher, local_boxes, global_boxes, same_views=False
                 )
-            return torch.cat([x.flatten() for x in losses]).mean()
+            loss = torch.cat([losses.flatten() for losses, _, _ in terms.values()]).mean()
+            if not return_parts:
+                return loss
+            parts = {name: losses.detach().mean() for name, (losses, _, _) in terms.items()}
+            parts["pos_similarity"] = torch.cat([pos.detach().flatten() for _, pos, _ in terms.values()]).mean()
+            if self.objective == "ranking":
+                parts["neg_similarity"] = torch.cat([neg.detach().flatten() for _, _, neg in terms.values()]).mean()
+            return loss, parts
 
     def _view_losses(
         self,
@@ -325,7 +341,7 @@ class CLoVELoss(nn.Module):
         teacher_boxes: torch.Tensor,
         *,
         same_views: bool,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per-(pair, image) losses of every student view against every teacher view.
 
         Args:
@@ -337,7 +353,8 @@ class CLoVELoss(nn.Module):
                 paired with itself.
 
         Returns:
-            (P, B) losses for the P paired views.
+            (P, B) losses for the P paired views, the (P, B) mean positive similarity, and the (P, B) mean
+            hard-negative similarity (None for the l2 objective).
         """
         num_s, batch = student_boxes.shape[:2]
         num_t = teacher_boxes.shape[0]
@@ -360,9 +377,9 @@ class CLoVELoss(nn.Module):
         else:
             similarity, pos = similarity.flatten(0, 1), pos.flatten(0, 1)  # (Vs*Vt, B, Ls, Lt)
 
-        if self.objective == "l2":
-            return _l2_losses(similarity, pos)
         pos_sim = _positive_term(similarity, pos)
+        if self.objective == "l2":
+            return _l2_losses(similarity, pos), pos_sim, None
         if self.negatives == "intra":
             neg_sim = _hard_negative_term(similarity, ~pos, self.num_negatives)
         else:
@@ -372,7 +389,7 @@ class CLoVELoss(nn.Module):
             neg = neg.T  # (B, Vs) -> (Vs, B)
             pairs_per_student = num_t - 1 if same_views else num_t
             neg_sim = neg.repeat_interleave(pairs_per_student, dim=0)  # one value per (student view, teacher view)
-        return _pair_losses(pos_sim, neg_sim, pos_weight=self.pos_weight, margin=self.margin)
+        return _pair_losses(pos_sim, neg_sim, pos_weight=self.pos_weight, margin=self.margin), pos_sim, neg_sim
 
     @torch.no_grad()
     def queue_candidates(self, teacher_global: torch.Tensor, num_global: int, generator: torch.Generator | None = None):

@@ -283,7 +283,7 @@ def test_inter_image_queue(source):
     pos_mask = positive_mask(gb[0, :1], gb[1, :1], (3, 3), (3, 3))[0]
     pos = (s @ t.T)[pos_mask].sum() / (pos_mask.sum() + 1e-6)
     first = 100 - 4 * pos + 2 * hard
-    per_pair = criterion._view_losses(sg, tg, gb, gb, same_views=True)  # (pairs, B)
+    per_pair, _, _ = criterion._view_losses(sg, tg, gb, gb, same_views=True)  # (pairs, B)
     assert per_pair[0, 0].item() == pytest.approx(first.item(), abs=3e-5)
     assert loss.item() == pytest.approx(per_pair.mean().item(), abs=1e-6)
     # Enqueue: one unit vector per image, written at the pointer, ring-buffer wrap-around.
@@ -335,3 +335,26 @@ def test_off_diagonal_selection_by_reshape(views):
     x = torch.arange(views * views * 2).view(views, views, 2)
     expected = [x[i, j].tolist() for i in range(views) for j in range(views) if i != j]
     assert _off_diagonal(x).tolist() == expected
+
+
+def test_loss_parts_recombine_into_the_loss():
+    g = torch.Generator().manual_seed(11)
+    batch, num_local = 2, 3
+    sg = _unit_maps((2 * batch, 8, 7, 7), g)
+    sl = _unit_maps((num_local * batch, 8, 3, 3), g)
+    tg = _unit_maps((2 * batch, 8, 7, 7), g)
+    gb = torch.stack([_random_boxes(batch, g) for _ in range(2)])
+    lb = torch.stack([_random_boxes(batch, g) for _ in range(num_local)])
+    criterion = CLoVELoss()
+    loss, parts = criterion(sg, sl, tg, gb, lb, return_parts=True)
+    assert loss.item() == pytest.approx(criterion(sg, sl, tg, gb, lb).item(), abs=1e-6)
+    # 2 global-global and 2 * num_local local-global pairs, equal batch sizes: the loss is their weighted mean.
+    expected = (2 * parts["global"] + 2 * num_local * parts["local"]) / (2 + 2 * num_local)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    # With margin 100 the hinge is active everywhere: loss = 100 - 4 * pos + 2 * neg on the means as well.
+    assert loss.item() == pytest.approx(
+        100 - 4 * parts["pos_similarity"].item() + 2 * parts["neg_similarity"].item(), abs=1e-4
+    )
+    assert not any(p.requires_grad for p in parts.values())
+    _, l2_parts = CLoVELoss(objective="l2")(sg, sl, tg, gb, lb, return_parts=True)
+    assert "neg_similarity" not in l2_parts and set(l2_parts) == {"global", "local", "pos_similarity"}

@@ -218,3 +218,17 @@ def test_a_nan_on_one_of_two_processes_stops_or_skips_on_both(tmp_path, policy):
     for rank in (0, 1):
         for key, value in load_file(tmp_path / "dump" / f"buffers_rank{rank}.safetensors").items():
             assert torch.isfinite(value.float()).all(), f"rank {rank}: {key}"
+
+
+def test_logged_metrics_include_loss_parts_and_collapse_monitor(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    logged: list[dict] = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append(values))
+    _run(tmp_path, "max_steps=2", "checkpoint_every=100")
+    keys = set().union(*logged)
+    expected = {"loss", "lr", "teacher_momentum", "samples_per_s", "loss_parts/global", "loss_parts/local"}
+    assert expected | {"loss_parts/pos_similarity", "loss_parts/neg_similarity"} <= keys
+    assert {"collapse/feature_std", "collapse/effective_rank"} <= keys
+    first = next(v for v in logged if "loss" in v)
+    assert -1.0 <= first["loss_parts/pos_similarity"] <= 1.0

@@ -372,6 +372,7 @@ def _train(config: PretrainConfig, recipe: str | None, stop_request: StopRequest
         attention_now = config.attention_every > 0 and (step + 1) % config.attention_every == 0
         saved = [t.detach().clone() for t in state_buffers] if config.nonfinite_loss == "skip" else None
         step_loss = torch.zeros((), device=device)
+        step_parts: dict[str, torch.Tensor] = {}
         loss_nonfinite = torch.zeros((), device=device)
         reports = []  # (index, skipped) of every sample of the step, for the quarantine
 
@@ -389,17 +390,20 @@ def _train(config: PretrainConfig, recipe: str | None, stop_request: StopRequest
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     out = model(global_in, local_in, return_attention=attention_now)
-                loss = criterion(
+                loss, parts = criterion(
                     out.student_global,
                     out.student_local,
                     out.teacher_global,
                     boxes[:num_global],
                     boxes[num_global:] if local_in is not None else None,
+                    return_parts=True,
                 )
                 loss_nonfinite = torch.maximum(loss_nonfinite, (~torch.isfinite(loss.detach())).float())
                 # backward (the gradients of the last micro-batch are all-reduced)
                 accelerator.backward(loss)
                 step_loss += loss.detach() / plan.grad_accum_steps
+                for name, value in parts.items():  # on the device: read only on logging steps
+                    step_parts[name] = step_parts.get(name, 0.0) + value / plan.grad_accum_steps
             if criterion.queue is not None:  # which teacher cell each image pushes: fixed by (seed, step, rank)
                 generator = derived_generator("queue", config.seed, step, micro, accelerator.process_index)
                 criterion.enqueue(
@@ -463,6 +467,8 @@ def _train(config: PretrainConfig, recipe: str | None, stop_request: StopRequest
         # logging
         if log_now:
             mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            names = sorted(step_parts)
+            part_values = accelerator.reduce(torch.stack([step_parts[n] for n in names]), reduction="mean").tolist()
             elapsed = time.perf_counter() - log_started
             throughput = samples_since_log / max(elapsed, 1e-9)
             samples_since_log, log_started = 0, time.perf_counter()
@@ -472,6 +478,7 @@ def _train(config: PretrainConfig, recipe: str | None, stop_request: StopRequest
                 "teacher_momentum": momentum,
                 "samples_per_s": throughput,
                 "skipped_steps": counters["skipped_steps"],
+                **{f"loss_parts/{n}": v for n, v in zip(names, part_values, strict=True)},
             }
             accelerator.log(metrics, step=step)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", samples_s=f"{throughput:.1f}")
