@@ -327,7 +327,8 @@ class CLoVELoss(nn.Module):
             loss = torch.cat([losses.flatten() for losses, _, _ in terms.values()]).mean()
             if not return_parts:
                 return loss
-            parts = {name: losses.detach().mean() for name, (losses, _, _) in terms.items()}
+            # a single global view has no global-global pair: no "global" part then
+            parts = {name: losses.detach().mean() for name, (losses, _, _) in terms.items() if losses.numel()}
             parts["pos_similarity"] = torch.cat([pos.detach().flatten() for _, pos, _ in terms.values()]).mean()
             if self.objective == "ranking":
                 parts["neg_similarity"] = torch.cat([neg.detach().flatten() for _, _, neg in terms.values()]).mean()

@@ -358,3 +358,15 @@ def test_loss_parts_recombine_into_the_loss():
     assert not any(p.requires_grad for p in parts.values())
     _, l2_parts = CLoVELoss(objective="l2")(sg, sl, tg, gb, lb, return_parts=True)
     assert "neg_similarity" not in l2_parts and set(l2_parts) == {"global", "local", "pos_similarity"}
+
+
+def test_single_global_view_pairs_only_local_views():
+    g = torch.Generator().manual_seed(12)
+    sg, tg = _unit_maps((2, 8, 3, 3), g), _unit_maps((2, 8, 3, 3), g)
+    sl = _unit_maps((4, 8, 2, 2), g)
+    gb = _random_boxes(2, g)[None]  # (G=1, B=2, 4)
+    lb = torch.stack([_random_boxes(2, g) for _ in range(2)])
+    loss, parts = CLoVELoss()(sg, sl, tg, gb, lb, return_parts=True)
+    expected = [_naive_pair_loss(sl[i * 2 : (i + 1) * 2], tg, lb[i], gb[0]) for i in range(2)]
+    assert loss.item() == pytest.approx(sum(expected) / 2, abs=3e-5)
+    assert "global" not in parts and parts["local"].item() == pytest.approx(loss.item(), abs=1e-5)
