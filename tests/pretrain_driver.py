@@ -49,8 +49,8 @@ def _install_faults(rank: int, keys: list[list[int]]) -> None:
         return original_lr(step, **kwargs)
 
     def loss_forward(criterion, *args, **kwargs):
-        loss = original_loss(criterion, *args, **kwargs)
-        return loss * float("nan") if nan is not None and current["step"] == int(nan[0]) else loss
+        loss, parts = original_loss(criterion, *args, **kwargs)  # the loop asks for the loss parts too
+        return (loss * float("nan") if nan is not None and current["step"] == int(nan[0]) else loss), parts
 
     def getitem(dataset, key):
         keys.append(list(key))

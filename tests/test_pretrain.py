@@ -96,7 +96,8 @@ def test_non_finite_loss_stops_before_touching_weights(tmp_path, monkeypatch):
     original = pretrain.CLoVELoss.forward
 
     def poisoned(self, *args, **kwargs):
-        return original(self, *args, **kwargs) * float("nan")
+        loss, parts = original(self, *args, **kwargs)  # the loop asks for the loss parts too
+        return loss * float("nan"), parts
 
     monkeypatch.setattr(pretrain.CLoVELoss, "forward", poisoned)
     with pytest.raises(pretrain.NonFiniteLossError, match="non-finite loss at step 2"):

@@ -42,8 +42,8 @@ class _Faults:
                 student_global.register_hook(lambda g: g * float("nan"))
             if self.step in grad_inf:
                 student_global.register_hook(lambda g: g * float("inf"))
-            loss = original_loss(criterion, student_global, *args, **kwargs)
-            return loss * float("nan") if self.step in loss_nan else loss
+            loss, parts = original_loss(criterion, student_global, *args, **kwargs)  # the loop asks for parts
+            return (loss * float("nan") if self.step in loss_nan else loss), parts
 
         def build_model(config):
             self.models.append(original_build(config))
