@@ -119,11 +119,6 @@ class CLoVEModel(nn.Module):
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
 
-    @property
-    def embed_dim(self) -> int:
-        """Embedding channels C."""
-        return self.predictor.dim
-
     def _contextualize(self, images: torch.Tensor, return_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         projected = self.student(images)
         if return_attention:
@@ -184,11 +179,3 @@ class CLoVEModel(nn.Module):
         teacher = list(self.teacher.parameters())
         student = list(self.student.parameters())
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
-
-    def student_backbone(self) -> nn.Module:
-        """The student backbone, the network CLoVE trains for transfer (reference exports ``encoder``)."""
-        return self.student.backbone
-
-    def teacher_backbone(self) -> nn.Module:
-        """The EMA teacher backbone."""
-        return self.teacher.backbone

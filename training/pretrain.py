@@ -32,6 +32,7 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -215,8 +216,6 @@ def save_checkpoint(
     """
     tmp = ckpt.temporary_dir(config.output_dir, step)
     if accelerator.is_main_process and tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
@@ -225,13 +224,9 @@ def save_checkpoint(
         extra = {k: v.detach().cpu().contiguous() for k, v in criterion.state_dict().items()}
         if extra:
             save_file(extra, tmp / "criterion.safetensors")
-        final = ckpt.finalize(tmp, config.output_dir, step, config.keep_checkpoints)
+        ckpt.finalize(tmp, config.output_dir, step, config.keep_checkpoints)
     accelerator.wait_for_everyone()
-    return (
-        ckpt.checkpoint_root(config.output_dir) / ckpt.checkpoint_name(step)
-        if not accelerator.is_main_process
-        else final
-    )
+    return ckpt.checkpoint_root(config.output_dir) / ckpt.checkpoint_name(step)
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:
